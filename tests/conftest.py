@@ -31,3 +31,9 @@ def sample_val() -> Path:
 @pytest.fixture(scope="session")
 def sample_calib() -> Path:
     return SAMPLES / "mnist_calib.npz"
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for the zoo's exported models, shared by every test module (exports are cached there)."""
+    return tmp_path_factory.mktemp("zoo")
