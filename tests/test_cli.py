@@ -131,6 +131,9 @@ def test_plain_install_gives_working_command(tmp_path: Path, repo_root: Path) ->
     )
     assert build.returncode == 0, build.stderr
     assert (target / "splinecompress" / "cli" / "main.py").is_file()
+    for package in (repo_root / "splinecompress").rglob("__init__.py"):
+        relative = package.relative_to(repo_root)
+        assert (target / relative).is_file(), f"{relative.parent} is not installed: list it in pyproject.toml"
     assert not (target / "cli").exists(), "a top-level `cli` module must not be installed"
     script = target / "bin" / "splinecompress"
     assert script.is_file()
