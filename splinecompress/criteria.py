@@ -1,0 +1,253 @@
+"""Pruning criteria: per group, one score per channel, low = remove first. One plain function each, in a registry.
+
+- ``spline`` (PAPER.md): channels whose spline codes on the calibration data draw (nearly) the same boundary as a
+  kept channel are redundant. Boundary distance B = min(D, 1 - D) of the normalised Hamming distance D (a
+  boundary is the same whichever side is "on"). Always-off channels go first, then greedily the channel nearest
+  to a kept one; of the nearest pair the one with the smaller mean activation goes. A channel's score is its
+  boundary distance to the nearest kept channel when it is removed: non-decreasing along the removal order, and
+  comparable across groups (a distance in [0, 0.5]), so one global ranking can use it.
+- ``l1``: L1 norm of each channel's source filter (Li et al. 2017), summed over the sources of a joined group. It
+  reads the weights as exported: BatchNorm folded into the conv unless exported with ``--keep-batchnorm``, in
+  which case it reads the raw conv weights (PAPER.md measured raw-conv L1 as the stronger baseline).
+- ``bn``: |gamma| of BatchNormalization (network slimming), summed over the BN nodes of a group; needs a model
+  exported with BatchNormalization nodes.
+- ``apoz``: fraction of calibration positions where the channel is on (1 - APoZ, Hu et al. 2016).
+- ``random``: seeded uniform scores, the baseline every criterion must beat.
+
+A group a criterion cannot score (no statistics, no BN node) is absent from its result: the policy keeps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from splinecompress.calib.stats import GroupStats, SplineStats
+from splinecompress.errors import UsageError
+from splinecompress.graph.groups import Groups
+
+__all__ = [
+    "CRITERIA",
+    "CriterionInput",
+    "Scores",
+    "apoz_scores",
+    "bn_scores",
+    "l1_scores",
+    "random_scores",
+    "score",
+    "spline_removal_order",
+    "spline_scores",
+]
+
+# Score of a group's last channel under the spline criterion: above any boundary distance (at most 0.5).
+_LAST_CHANNEL_SCORE = 1.0
+_DEAD_SCORE = -1.0
+
+
+@dataclass(frozen=True)
+class CriterionInput:
+    """What criteria may read. ``stats`` is required by data criteria only."""
+
+    model: onnx.ModelProto
+    groups: Groups
+    stats: SplineStats | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per group id, one score per channel (low = remove first), and the criterion that made them.
+
+    ``comparable`` says whether scores of different groups share a scale (distances, fractions) or must be
+    normalised before one global ranking (weight magnitudes).
+    """
+
+    criterion: str
+    per_group: dict[int, np.ndarray]
+    comparable: bool
+    skipped: dict[int, str] = field(default_factory=dict)  # group id -> why it has no scores
+
+
+# -- spline ----------------------------------------------------------------------------------------------------
+
+
+def boundary_distance(stats: GroupStats) -> np.ndarray:
+    """B[k, k'] = min(D, 1 - D): complementary codes draw the same boundary."""
+    distance = stats.hamming()
+    return np.minimum(distance, 1.0 - distance)
+
+
+def spline_removal_order(stats: GroupStats) -> tuple[np.ndarray, np.ndarray]:
+    """The spline criterion's removal order for one group and each channel's distance when removed.
+
+    Dead channels first (distance -1), then greedily: the channel nearest to another kept channel, of that pair
+    the one with the smaller mean activation. Nearest neighbours are updated only for the channels whose
+    neighbour was removed, so the whole order costs O(C^2) numpy work (C = 2048 takes well under a second).
+
+    Returns:
+        (channel indices in removal order, including all C channels; distance at removal per channel).
+    """
+    c = stats.channels
+    at_removal = np.full(c, _LAST_CHANNEL_SCORE)
+    dead = np.flatnonzero(stats.dead())
+    at_removal[dead] = _DEAD_SCORE
+    order = list(dead)
+    alive = np.setdiff1d(np.arange(c), dead)
+    if len(alive) <= 1:
+        return np.array(order + list(alive), dtype=np.int64), at_removal
+
+    distance = boundary_distance(stats)[np.ix_(alive, alive)].astype(np.float64)
+    np.fill_diagonal(distance, np.inf)
+    activation = stats.mean_activation()[alive]
+    kept = np.ones(len(alive), dtype=bool)
+    nearest = distance.argmin(axis=1)
+    nearest_distance = distance[np.arange(len(alive)), nearest]
+    for _ in range(len(alive) - 1):
+        candidates = np.where(kept, nearest_distance, np.inf)
+        k = int(candidates.argmin())
+        partner = int(nearest[k])
+        removed = (
+            k
+            if activation[k] < activation[partner] or (activation[k] == activation[partner] and k > partner)
+            else partner
+        )
+        at_removal[alive[removed]] = nearest_distance[k]
+        order.append(alive[removed])
+        kept[removed] = False
+        distance[:, removed] = np.inf
+        # Only channels whose nearest kept neighbour just went need a new one.
+        stale = np.flatnonzero(kept & (nearest == removed))
+        if len(stale):
+            nearest[stale] = distance[stale].argmin(axis=1)
+            nearest_distance[stale] = distance[stale, nearest[stale]]
+    order.append(alive[int(np.flatnonzero(kept)[0])])
+    return np.array(order, dtype=np.int64), at_removal
+
+
+def spline_scores(inputs: CriterionInput) -> Scores:
+    stats = _require_stats(inputs, "spline")
+    per_group, skipped = {}, {}
+    for group in inputs.groups.prunable():
+        group_stats = stats.groups.get(group.id)
+        if group_stats is None or group_stats.positions == 0:
+            skipped[group.id] = "no spline statistics (no probe tensor)"
+            continue
+        order, at_removal = spline_removal_order(group_stats)
+        # Distances repeat (ties, dead channels); a tiny ramp along the order keeps the greedy order intact.
+        ramp = np.empty(group.channels)
+        ramp[order] = np.arange(group.channels) * 1e-9
+        per_group[group.id] = at_removal + ramp
+    return Scores("spline", per_group, comparable=True, skipped=skipped)
+
+
+# -- baselines -------------------------------------------------------------------------------------------------
+
+
+def l1_scores(inputs: CriterionInput) -> Scores:
+    constants = _constants(inputs.model)
+    per_group, skipped = {}, {}
+    for group in inputs.groups.prunable():
+        total = np.zeros(group.channels)
+        found = False
+        for member in group.members:
+            # A source's weight is its input 1 (Conv/ConvTranspose/Gemm W, MatMul B); input 2 is its bias.
+            if member.role != "source" or member.input != 1 or member.tensor not in constants:
+                continue
+            weight = np.abs(constants[member.tensor].astype(np.float64))
+            per_index = np.moveaxis(weight, member.axis, 0).reshape(weight.shape[member.axis], -1).sum(axis=1)
+            total += per_index[member.indices(np.arange(group.channels))].reshape(group.channels, -1).sum(axis=1)
+            found = True
+        if found:
+            per_group[group.id] = total
+        else:
+            skipped[group.id] = "no constant source weight"
+    return Scores("l1", per_group, comparable=False, skipped=skipped)
+
+
+def bn_scores(inputs: CriterionInput) -> Scores:
+    constants = _constants(inputs.model)
+    batchnorms = {node.name for node in inputs.model.graph.node if node.op_type == "BatchNormalization"}
+    if not batchnorms:
+        raise UsageError(
+            "criterion bn needs BatchNormalization nodes, and this model has none (BN was folded into the convs): "
+            "export with --keep-batchnorm, or choose another criterion"
+        )
+    per_group, skipped = {}, {}
+    for group in inputs.groups.prunable():
+        total = np.zeros(group.channels)
+        found = False
+        for member in group.members:
+            if member.node in batchnorms and member.input == 1 and member.tensor in constants:  # input 1: scale
+                gamma = np.abs(constants[member.tensor].astype(np.float64))
+                total += gamma[member.indices(np.arange(group.channels))]
+                found = True
+        if found:
+            per_group[group.id] = total
+        else:
+            skipped[group.id] = "no BatchNormalization node in the group"
+    return Scores("bn", per_group, comparable=False, skipped=skipped)
+
+
+def apoz_scores(inputs: CriterionInput) -> Scores:
+    stats = _require_stats(inputs, "apoz")
+    per_group, skipped = {}, {}
+    for group in inputs.groups.prunable():
+        group_stats = stats.groups.get(group.id)
+        if group_stats is None or group_stats.positions == 0:
+            skipped[group.id] = "no spline statistics (no probe tensor)"
+            continue
+        per_group[group.id] = group_stats.on_fraction().astype(np.float64)
+    return Scores("apoz", per_group, comparable=True, skipped=skipped)
+
+
+def random_scores(inputs: CriterionInput) -> Scores:
+    rng = np.random.default_rng(inputs.seed)
+    per_group = {group.id: rng.random(group.channels) for group in inputs.groups.prunable()}
+    return Scores("random", per_group, comparable=True)
+
+
+CRITERIA: dict[str, Callable[[CriterionInput], Scores]] = {
+    "spline": spline_scores,
+    "l1": l1_scores,
+    "bn": bn_scores,
+    "apoz": apoz_scores,
+    "random": random_scores,
+}
+# Criteria that read calibration statistics.
+DATA_CRITERIA = frozenset({"spline", "apoz"})
+
+
+def score(criterion: str, inputs: CriterionInput) -> Scores:
+    """Run a criterion by name.
+
+    Raises:
+        UsageError: unknown criterion, or a data criterion without statistics, or bn without BN nodes.
+    """
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion '{criterion}': choose one of {', '.join(CRITERIA)}")
+    return CRITERIA[criterion](inputs)
+
+
+def _require_stats(inputs: CriterionInput, name: str) -> SplineStats:
+    if inputs.stats is None:
+        raise UsageError(
+            f"criterion {name} needs calibration statistics: run `splinecompress analyze` and pass --stats"
+        )
+    if inputs.stats.model_hash != inputs.groups.model_hash:
+        raise UsageError(
+            f"statistics were computed on model {inputs.stats.model_hash}, not this model ({inputs.groups.model_hash})"
+        )
+    return inputs.stats
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node values by tensor name."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
