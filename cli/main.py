@@ -11,16 +11,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from splinecompress.errors import SplineCompressError
+from splinecompress.errors import SplineCompressError, VerificationError
 
-from . import export_cmd, inspect_cmd
+from . import analyze_cmd, compress_cmd, export_cmd, inspect_cmd, plan_cmd, prune_cmd, validate_cmd
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 # Each command module offers NAME, HELP, add_arguments(parser) and run(args) -> exit code.
-COMMANDS = (export_cmd, inspect_cmd)
+COMMANDS = (compress_cmd, export_cmd, inspect_cmd, analyze_cmd, plan_cmd, prune_cmd, validate_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return int(args.run(args))
+    except VerificationError as e:
+        print(f"splinecompress {args.command}: check failed: {e}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     except SplineCompressError as e:
         print(f"splinecompress {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

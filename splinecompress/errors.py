@@ -15,6 +15,7 @@ __all__ = [
     "SplineCompressError",
     "UnsupportedGraphError",
     "UsageError",
+    "VerificationError",
 ]
 
 
@@ -44,3 +45,7 @@ class PlanError(SplineCompressError):
 
 class CalibrationDataError(SplineCompressError):
     """Calibration or validation data is missing, empty, or does not match the model's inputs."""
+
+
+class VerificationError(SplineCompressError):
+    """A result failed its own check (the slim model differs from the masked original): exit status 1."""

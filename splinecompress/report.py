@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from splinecompress.model import ModelInfo
 
-__all__ = ["format_bytes", "format_count", "format_model_info", "model_info_rows", "render_table"]
+if TYPE_CHECKING:
+    from splinecompress.calib.stats import SplineStats
+    from splinecompress.compress import CompressResult
+    from splinecompress.graph.groups import Groups
+    from splinecompress.validate import ValidationReport
+
+__all__ = [
+    "format_stats_summary",
+    "stats_summary_rows",
+    "format_bytes",
+    "format_count",
+    "format_model_info",
+    "model_info_rows",
+    "render_table",
+    "comparison_rows",
+    "format_comparison",
+    "write_report_json",
+    "compress_summary_rows",
+    "format_compress",
+]
+
+
+class _HasDict(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def format_count(n: float) -> str:
@@ -68,3 +96,178 @@ def format_model_info(info: ModelInfo) -> str:
     summary = render_table(model_info_rows(info), numeric=False)
     ops = render_table([(op, str(n)) for op, n in info.op_counts.items()], header=("op type", "nodes"))
     return f"{summary}\n\n{ops}"
+
+
+def stats_summary_rows(stats: SplineStats, groups: Groups) -> list[tuple[str, ...]]:
+    """One row per calibrated group: channels, positions, dead, always on, mean pairwise code distance."""
+    from splinecompress.calib.stats import group_code_summary
+
+    rows = []
+    for gid in sorted(stats.groups):
+        summary = group_code_summary(stats.groups[gid])
+        rows.append(
+            (
+                str(gid),
+                groups[gid].name,
+                str(summary["channels"]),
+                format_count(summary["positions"]),
+                str(summary["dead"]),
+                str(summary["always_on"]),
+                f"{summary['mean_distance']:.3f}",
+            )
+        )
+    return rows
+
+
+def format_stats_summary(stats: SplineStats, groups: Groups) -> str:
+    header = ("group", "first source", "channels", "positions", "dead", "always on", "mean distance")
+    return render_table(stats_summary_rows(stats, groups), header=header)
+
+
+# -- validation: the before/after table ----------------------------------------------------------------------
+
+
+def comparison_rows(report: ValidationReport) -> list[tuple[str, ...]]:
+    """Rows of the before/after table: (metric, original, slim, change), or (metric, value) without a reference.
+
+    ``change`` is relative for sizes ("-48.2%"), a speed-up factor for latencies ("x1.93": original time over
+    slim time, above 1 is faster) and percentage points for accuracy ("-0.3 pt"). Missing values show as "-".
+
+    Example (with a reference)::
+
+        ("parameters", "307k", "159k", "-48.2%")
+        ("latency median", "0.467 ms", "0.245 ms", "x1.91")
+        ("accuracy", "98.90%", "98.60%", "-0.3 pt")
+        ("top-1 agreement", "", "99.10%", "")
+    """
+    ref = report.reference
+    metrics: list[tuple[str, str, Callable[[float], str], Callable[[float | None, float | None], str]]] = [
+        ("parameters", "params", format_count, _relative_change),
+        ("FLOPs (MACs)", "flops", format_count, _relative_change),
+        ("file size", "file_bytes", format_bytes, _relative_change),
+        ("latency median", "latency_ms_median", _format_ms, _speedup),
+        ("latency p90", "latency_ms_p90", _format_ms, _speedup),
+        ("accuracy", "accuracy", _format_fraction, _point_change),
+    ]
+    if ref is None:
+        return [(name, _or_dash(fmt, getattr(report.model, field))) for name, field, fmt, _ in metrics]
+    rows: list[tuple[str, ...]] = []
+    for name, field, fmt, change in metrics:
+        before, after = getattr(ref, field), getattr(report.model, field)
+        rows.append((name, _or_dash(fmt, before), _or_dash(fmt, after), change(before, after)))
+    rows.append(("top-1 agreement", "", _or_dash(_format_fraction, report.agreement), ""))
+    rows.append(("max |diff|", "", _or_dash(_format_diff, report.max_abs_diff), ""))
+    rows.append(("mean |diff|", "", _or_dash(_format_diff, report.mean_abs_diff), ""))
+    return rows
+
+
+def format_comparison(report: ValidationReport) -> str:
+    """The table `splinecompress validate` prints, then one line saying how it was measured."""
+    header = ("metric", "original", "slim", "change") if report.reference is not None else ("metric", "model")
+    table = render_table(comparison_rows(report), header=header)
+    return f"{table}\n\n{_measurement_note(report)}"
+
+
+def write_report_json(report: _HasDict, path: str | os.PathLike[str]) -> Path:
+    """Write ``report.to_dict()`` as JSON atomically (temporary file in the same folder, then rename).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _measurement_note(report: ValidationReport) -> str:
+    parts = [f"{report.samples} samples (batch {report.batch_size})"]
+    if report.repeats:
+        threads = "onnxruntime default threads" if report.threads is None else f"{report.threads} thread(s)"
+        parts.append(
+            f"latency: batch {report.latency_batch}, {threads}, provider {report.provider}, graph optimizations on, "
+            f"median/p90 of {report.repeats} runs after {report.warmup} warm-up runs"
+        )
+    else:
+        parts.append(f"latency not measured; provider {report.provider}")
+    if report.model.flops is None or (report.reference is not None and report.reference.flops is None):
+        parts.append("FLOPs '-': some node shapes are unknown")
+    return "\n".join(parts)
+
+
+def _or_dash(fmt: Callable[[float], str], value: float | None) -> str:
+    return "-" if value is None else fmt(value)
+
+
+def _format_ms(ms: float) -> str:
+    return f"{ms:.3f} ms" if ms < 1 else f"{ms:.2f} ms"
+
+
+def _format_fraction(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _format_diff(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _relative_change(before: float | None, after: float | None) -> str:
+    if before is None or after is None or before == 0:
+        return "-"
+    pct = 100 * (after - before) / before
+    return "0.0%" if round(pct, 1) == 0 else f"{pct:+.1f}%"
+
+
+def _speedup(before: float | None, after: float | None) -> str:
+    if before is None or after is None or after <= 0:
+        return "-"
+    return f"x{before / after:.2f}"
+
+
+def _point_change(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return "-"
+    points = 100 * (after - before)
+    return "0.0 pt" if round(points, 1) == 0 else f"{points:+.1f} pt"
+
+
+def compress_summary_rows(result: CompressResult) -> list[tuple[str, str]]:
+    """(label, value) rows saying what compress did, before the before/after table."""
+    plan = result.plan
+    budget = f"ratio {plan.ratio}" if plan.ratio is not None else "FLOPs target"
+    rows = [
+        ("plan", f"criterion {plan.criterion}, scope {plan.scope}, {budget}, round to {plan.round_to}"),
+        ("channels removed", f"{result.removed_fraction:.1%} of the prunable channels"),
+        ("repair", f"{result.repair} ({result.repaired_sinks} sinks repaired)"),
+        ("calibration", f"provider {result.provider}"),
+    ]
+    if result.equivalence is not None:
+        rows.append(("verified", result.equivalence.describe()))
+    rows.append(("written", result.output))
+    return rows
+
+
+def format_compress(result: CompressResult, *, verbose: bool = False) -> str:
+    """What `splinecompress compress` prints: the summary, the before/after table, the gate verdict."""
+    parts = [render_table(compress_summary_rows(result), numeric=False)]
+    if verbose:
+        rows = [
+            (str(g), plan_name, str(k), str(t), f"{1 - k / t:.0%}")
+            for g, (k, t) in sorted(result.group_channels.items())
+            for plan_name in [result.plan.names.get(g, "")]
+        ]
+        parts.append(render_table(rows, header=("group", "first source", "kept", "channels", "removed")))
+    if result.validation is not None:
+        parts.append(format_comparison(result.validation))
+    if result.gate_failures:
+        parts.append("\n".join(f"GATE FAILED: {reason}" for reason in result.gate_failures))
+    return "\n\n".join(parts)
