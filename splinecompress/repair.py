@@ -77,6 +77,7 @@ def _cuts(groups: Groups, plan: PruningPlan) -> dict[str, list[_SinkCut]]:
 def lstsq_sinks(model: onnx.ModelProto, groups: Groups, plan: PruningPlan) -> tuple[list[SinkPatch], dict[str, str]]:
     """The sinks a plan touches whose patch statistics least-squares repair needs, and those it cannot handle."""
     by_name = {node.name: node for node in model.graph.node}
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     patches, unsupported = [], {}
     for key in _cuts(groups, plan):
         node = by_name.get(key)
@@ -84,7 +85,7 @@ def lstsq_sinks(model: onnx.ModelProto, groups: Groups, plan: PruningPlan) -> tu
             unsupported[key] = "node has no unique name"
             continue
         try:
-            patches.append(sink_patch(node))
+            patches.append(sink_patch(node, shapes.get(node.input[1]) if len(node.input) > 1 else None))
         except UnsupportedGraphError as e:
             unsupported[key] = str(e)
     return patches, unsupported

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from splinecompress.calib.stats import SplineStats
     from splinecompress.compress import CompressResult
     from splinecompress.graph.groups import Groups
+    from splinecompress.sweep import SweepPoint
     from splinecompress.validate import ValidationReport
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "write_report_json",
     "compress_summary_rows",
     "format_compress",
+    "format_sweep",
+    "plot_points",
+    "sweep_rows",
 ]
 
 
@@ -271,3 +275,69 @@ def format_compress(result: CompressResult, *, verbose: bool = False) -> str:
     if result.gate_failures:
         parts.append("\n".join(f"GATE FAILED: {reason}" for reason in result.gate_failures))
     return "\n\n".join(parts)
+
+
+def sweep_rows(points: Sequence[SweepPoint]) -> list[tuple[str, ...]]:
+    return [
+        (
+            f"{p.ratio:.2f}",
+            f"{p.flops_kept:.1%}",
+            f"{p.params_kept:.1%}",
+            "-" if p.accuracy is None else f"{p.accuracy:.2%}",
+            f"{p.agreement:.2%}",
+        )
+        for p in points
+    ]
+
+
+def format_sweep(points: Sequence[SweepPoint]) -> str:
+    header = ("ratio", "FLOPs kept", "params kept", "accuracy", "agreement")
+    return render_table(sweep_rows(points), header=header)
+
+
+def plot_points(series: dict[tuple[str, str], list[tuple[float, ...]]], path: str | os.PathLike[str]) -> bool:
+    """Draw accuracy against FLOPs kept: one panel per first key, one line per second key.
+
+    Each point is (flops_kept, accuracy) or (flops_kept, accuracy, low, high), the last two drawn as a band.
+    Returns False (and draws nothing) when matplotlib is not installed (``pip install 'splinecompress[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = list(dict.fromkeys(panel for panel, _ in series))
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4.2 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for (owner, label), points in series.items():
+            if owner != panel:
+                continue
+            points = sorted(points)
+            flops = [p[0] for p in points]
+            ax.plot(flops, [p[1] for p in points], marker="o", label=label)
+            if len(points[0]) == 4 and any(p[2] != p[3] for p in points):
+                ax.fill_between(flops, [p[2] for p in points], [p[3] for p in points], alpha=0.2)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("FLOPs kept")
+        ax.set_ylabel("top-1 accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True

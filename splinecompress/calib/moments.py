@@ -53,15 +53,17 @@ class SinkMoments:
         return self.sums / max(self.count, 1)
 
 
-def sink_patch(node: onnx.NodeProto) -> SinkPatch:
+def sink_patch(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None = None) -> SinkPatch:
     """The patch geometry of a Conv (group 1, 2-D), Gemm (transA 0) or MatMul (2-D input) sink.
+
+    ``kernel_shape`` is optional in ONNX; without it the kernel is read off ``weight_shape``.
 
     Raises:
         UnsupportedGraphError: any other op or configuration.
     """
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Conv":
-        kernel = attrs.get("kernel_shape")
+        kernel = attrs.get("kernel_shape") or (tuple(weight_shape[2:]) if weight_shape else None)
         if attrs.get("group", 1) != 1 or kernel is None or len(kernel) != 2:
             raise UnsupportedGraphError(f"least-squares repair supports 2-D ungrouped Conv only ({node.name})")
         if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
