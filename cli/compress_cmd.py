@@ -14,7 +14,7 @@ HELP = "analyze, plan, repair, prune, verify and validate in one go; prints a be
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from splinecompress.compress import DEFAULT_RATIO
+    from splinecompress.compress import DEFAULT_RATIO, DEFAULT_ROUND_TO
 
     parser.add_argument("model", help="ONNX file")
     parser.add_argument("--calib", required=True, help="calibration data: .npz file or folder of .npy/.npz files")
@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--round-to",
         type=int,
-        default=8,
-        help="keep channel counts multiples of N (default 8: CPU kernels are much faster so)",
+        default=DEFAULT_ROUND_TO,
+        help=f"keep channel counts multiples of N (default {DEFAULT_ROUND_TO}: CPU kernels are much faster so)",
     )
     parser.add_argument("--min-keep", type=float, default=DEFAULT_MIN_KEEP, help="global scope floor per group")
     parser.add_argument("--exclude", nargs="*", default=[], metavar="GROUP_OR_NODE", help="groups to leave whole")
@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     parser.add_argument("--report", help="write the report as JSON to this file")
     parser.add_argument("--seed", type=int, default=0, help="seed of random choices (random criterion, sampling)")
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="fine-tune the slim model by distillation for N epochs (needs --train)",
+    )
+    parser.add_argument("--train", help="training data for --finetune-epochs (.npz, labels optional)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         measure_latency=not args.no_latency,
         seed=args.seed,
         show_progress=None,
+        finetune_epochs=args.finetune_epochs,
+        train=args.train,
     )
     print(format_compress(result, verbose=args.verbose))
     if args.report:

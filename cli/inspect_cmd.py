@@ -7,7 +7,7 @@ import argparse
 from splinecompress.model import describe_model, load_model
 
 NAME = "inspect"
-HELP = "show a model's inputs, outputs, opset, ops, parameters and file size"
+HELP = "show a model's inputs, outputs, opset, ops, parameters, FLOPs, file size and prunable channel groups"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from splinecompress.graph.groups import group_summary
     from splinecompress.report import format_model_info
 
     model = load_model(args.model)
-    print(format_model_info(describe_model(model, args.model)))
+    print(format_model_info(describe_model(model, args.model), group_summary(model)))
     return 0

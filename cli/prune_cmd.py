@@ -24,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest allowed max|slim - masked| / max|masked| per output (default 1e-4)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
+    parser.add_argument(
+        "--repair",
+        choices=("none", "bias", "lstsq"),
+        default="none",
+        help="training-free repair before removal (bias and lstsq need --stats; lstsq also --calib)",
+    )
+    parser.add_argument("--stats", help="statistics from `splinecompress analyze` (for --repair)")
+    parser.add_argument("--calib", help="calibration data, for the patch statistics of --repair lstsq")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     plan = PruningPlan.load(args.plan)
     groups = analyze_groups(model)
+    if args.repair != "none":
+        model, plan = _repaired(model, groups, plan, args)
+        groups = analyze_groups(model)
     result = apply_plan(model, plan, groups)
     removed = sum(result.channels_removed.values())
     print(f"pruned {len(result.channels_removed)} groups, {removed} channels removed")
@@ -65,6 +76,26 @@ def run(args: argparse.Namespace) -> int:
     save_model(result.model, args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+def _repaired(model, groups, plan, args: argparse.Namespace):
+    """The model with its sinks repaired for the plan, and the plan re-tied to it (equivalence then holds)."""
+    from splinecompress.calib.moments import collect_moments
+    from splinecompress.calib.stats import SplineStats
+    from splinecompress.errors import UsageError
+    from splinecompress.repair import lstsq_sinks, repair_model
+
+    if not args.stats:
+        raise UsageError(f"--repair {args.repair} needs --stats (from `splinecompress analyze`)")
+    plan.validate(groups)
+    moments = None
+    if args.repair == "lstsq":
+        if not args.calib:
+            raise UsageError("--repair lstsq needs --calib (the calibration data, for patch statistics)")
+        moments = collect_moments(model, lstsq_sinks(model, groups, plan)[0], args.calib)
+    result = repair_model(model, groups, plan, method=args.repair, stats=SplineStats.load(args.stats), moments=moments)
+    print(f"repair {args.repair}: {len(result.repaired)} sinks repaired")
+    return result.model, result.plan
 
 
 def _ratio(after: int, before: int) -> str:

@@ -14,7 +14,7 @@ from splinecompress.model import ModelInfo
 if TYPE_CHECKING:
     from splinecompress.calib.stats import SplineStats
     from splinecompress.compress import CompressResult
-    from splinecompress.graph.groups import Groups
+    from splinecompress.graph.groups import GroupReport, Groups
     from splinecompress.sweep import SweepPoint
     from splinecompress.validate import ValidationReport
 
@@ -32,6 +32,7 @@ __all__ = [
     "compress_summary_rows",
     "format_compress",
     "format_sweep",
+    "group_rows",
     "plot_points",
     "sweep_rows",
 ]
@@ -95,11 +96,29 @@ def model_info_rows(info: ModelInfo) -> list[tuple[str, str]]:
     return rows
 
 
-def format_model_info(info: ModelInfo) -> str:
-    """The text `splinecompress inspect` prints: a summary, then node counts by op type."""
-    summary = render_table(model_info_rows(info), numeric=False)
-    ops = render_table([(op, str(n)) for op, n in info.op_counts.items()], header=("op type", "nodes"))
-    return f"{summary}\n\n{ops}"
+def group_rows(report: GroupReport) -> list[tuple[str, ...]]:
+    """One row per channel group: id, first source, channels, prunable or why not, share of MACs touched."""
+    return [
+        (str(r.id), r.name, str(r.channels), "yes" if r.prunable else f"no: {r.reason}", f"{r.flops_share:.1%}")
+        for r in report.rows
+    ]
+
+
+def format_model_info(info: ModelInfo, groups: GroupReport | None = None) -> str:
+    """The text `splinecompress inspect` prints: a summary, node counts by op type, then the channel groups."""
+    rows = model_info_rows(info)
+    if groups is not None:
+        rows += [
+            ("FLOPs (MACs)", f"{format_count(groups.total_macs)} per sample"),
+            ("prunable FLOPs", f"{groups.prunable_flops_fraction:.1%} of MACs are in nodes a prunable group touches"),
+            ("prunable channels", f"{groups.prunable_channels_fraction:.1%} of channels are in prunable groups"),
+        ]
+    parts = [render_table(rows, numeric=False)]
+    parts.append(render_table([(op, str(n)) for op, n in info.op_counts.items()], header=("op type", "nodes")))
+    if groups is not None:
+        header = ("group", "first source", "channels", "prunable", "FLOPs share")
+        parts.append(render_table(group_rows(groups), header=header, numeric=False))
+    return "\n\n".join(parts)
 
 
 def stats_summary_rows(stats: SplineStats, groups: Groups) -> list[tuple[str, ...]]:

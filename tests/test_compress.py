@@ -55,7 +55,9 @@ def test_only_model_calib_and_output_does_something_good(
     slim = tmp_path / "slim.onnx"
     result = compress(sample_model, sample_calib, slim, measure_latency=False)
     assert result.passed and slim.is_file()
-    assert result.removed_fraction == pytest.approx(0.3, abs=0.02)
+    # 30% by default; rounding to multiples of 8 moves each group by at most 4 channels.
+    assert result.removed_fraction == pytest.approx(0.3, abs=0.05)
+    assert all(kept % 8 == 0 for kept, _ in result.group_channels.values())
     assert result.validation.agreement >= 0.97, "default settings keep the model's decisions"
     assert result.validation.model.flops < 0.8 * result.validation.reference.flops
 

@@ -206,15 +206,21 @@ def test_per_channel_constant_and_prelu_are_sliced() -> None:
     assert {m.node for m in groups[0].members if m.role == "param"} == {"scale", "prelu"}
 
 
-def test_shape_read_of_channel_count_freezes() -> None:
+@pytest.mark.parametrize(
+    ("attrs", "index", "prunable"),
+    [({}, 1, False), ({}, 0, True), ({}, -3, False), ({"start": 2}, 0, True), ({"start": -3, "end": -1}, 0, False)],
+)
+def test_shape_read_of_channel_count_freezes(attrs: dict, index: int, prunable: bool) -> None:
     net = Net()
     a = net.conv("x", 3, 8, name="a")
-    shape = net.op("Shape", [a], name="shape")
-    net.inits.append(numpy_helper.from_array(np.array(1, dtype=np.int64), "one"))
-    c = net.op("Gather", [shape, "one"], name="channels", axis=0)
+    shape = net.op("Shape", [a], name="shape", **attrs)
+    net.inits.append(numpy_helper.from_array(np.array(index, dtype=np.int64), "index"))
+    c = net.op("Gather", [shape, "index"], name="read", axis=0)
     model = net.model(net.conv(a, 8, 4, name="b"), c, int_outputs=(c,))
     groups = analyze_groups(model)
-    assert not groups[0].prunable and "reads its channel count" in groups[0].reason, groups[0].reason
+    assert groups[0].prunable == prunable, groups[0].reason
+    if not prunable:
+        assert "reads its channel count" in groups[0].reason, groups[0].reason
 
 
 def test_ids_are_stable_and_summary_adds_up() -> None:

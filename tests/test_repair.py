@@ -211,3 +211,44 @@ def test_lstsq_beats_no_repair_on_the_sample_at_half(sample_model: Path, sample_
     print(f"sample, spline, ratio 0.5: accuracy {none.accuracy:.4f} without repair, {lstsq.accuracy:.4f} with lstsq")
     assert lstsq.accuracy > none.accuracy
     assert lstsq.flops_kept == pytest.approx(none.flops_kept)
+
+
+def test_prune_cli_with_repair(sample_model: Path, sample_calib: Path, sample_val: Path, tmp_path: Path) -> None:
+    """analyze -> plan -> prune --repair, as the README shows it; the slim model is still verified."""
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "splinecompress.cli"]
+    stats, plan, slim = tmp_path / "stats.npz", tmp_path / "plan.json", tmp_path / "slim.onnx"
+    steps = [
+        ["analyze", str(sample_model), "--calib", str(sample_calib), "-o", str(stats)],
+        ["plan", str(sample_model), "--stats", str(stats), "--ratio", "0.3", "-o", str(plan)],
+        [
+            "prune",
+            str(sample_model),
+            "--plan",
+            str(plan),
+            "--repair",
+            "lstsq",
+            "--stats",
+            str(stats),
+            "--calib",
+            str(sample_calib),
+            "-o",
+            str(slim),
+        ],
+    ]
+    for step in steps:
+        done = subprocess.run([*cli, *step], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    assert "equivalent to the masked original" in done.stdout and "sinks repaired" in done.stdout
+    val = np.load(sample_val)
+    accuracy = float(np.mean(run(load_model(slim), val["input"]).argmax(1) == val["labels"]))
+    assert accuracy >= 0.975, f"lstsq-repaired slim model at ratio 0.3: {accuracy:.4f}"
+    missing = subprocess.run(
+        [*cli, "prune", str(sample_model), "--plan", str(plan), "--repair", "bias", "-o", str(tmp_path / "x.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert missing.returncode == 2 and "needs --stats" in missing.stderr

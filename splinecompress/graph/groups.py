@@ -57,7 +57,8 @@ class Member:
     Concat. ``role`` says why the slice exists: "source" (a source's output rows and bias), "param" (a
     per-channel parameter of a pass-through op), "sink" (a consumer's input columns), "sink_input" (the
     activation entering a sink: where the masked original multiplies by the keep-mask) or "probe" (an
-    activation input whose sign is read during calibration; ``node`` is the activation, ``input`` is 0).
+    activation input whose sign is read during calibration; ``node`` is the activation and ``input`` 0, or, for a
+    group without activations, ``node`` is a source and ``input`` -1: its output is the probe).
     """
 
     node: str
@@ -866,9 +867,10 @@ def _shape_op(a: _Analysis, node: gs.Node, key: str) -> None:
     a.untracked_ok.add(node.outputs[0].name)
     if layout is None:
         return
-    start = int(node.attrs.get("start", 0)) % (layout.rank + 1)
-    end = node.attrs.get("end")
-    end = layout.rank if end is None else int(end) % (layout.rank + 1) if int(end) < 0 else min(int(end), layout.rank)
+    rank = layout.rank
+    start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+    start = max(start + rank, 0) if start < 0 else min(start, rank)
+    end = max(end + rank, 0) if end < 0 else min(end, rank)
     if not start <= layout.axis < end:
         return
     position = layout.axis - start
