@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from splinecompress.calib.stats import GroupStats, SplineStats
 from splinecompress.errors import UsageError
-from splinecompress.graph.groups import Groups
+from splinecompress.graph.groups import Group, Groups, Member
 
 __all__ = [
     "CRITERIA",
@@ -130,78 +130,99 @@ def spline_removal_order(stats: GroupStats) -> tuple[np.ndarray, np.ndarray]:
 
 def spline_scores(inputs: CriterionInput) -> Scores:
     stats = _require_stats(inputs, "spline")
-    per_group, skipped = {}, {}
-    for group in inputs.groups.prunable():
+
+    def group_scores(group: Group) -> np.ndarray | None:
         group_stats = stats.groups.get(group.id)
         if group_stats is None or group_stats.positions == 0:
-            skipped[group.id] = "no spline statistics (no probe tensor)"
-            continue
+            return None
         order, at_removal = spline_removal_order(group_stats)
         # Distances repeat (ties, dead channels); a tiny ramp along the order keeps the greedy order intact.
         ramp = np.empty(group.channels)
         ramp[order] = np.arange(group.channels) * 1e-9
-        per_group[group.id] = at_removal + ramp
-    return Scores("spline", per_group, comparable=True, skipped=skipped)
+        return at_removal + ramp
+
+    return _score_groups(inputs, "spline", group_scores, _NO_STATS, comparable=True)
 
 
 # -- baselines -------------------------------------------------------------------------------------------------
 
 
 def l1_scores(inputs: CriterionInput) -> Scores:
-    constants = _constants(inputs.model)
-    per_group, skipped = {}, {}
-    for group in inputs.groups.prunable():
-        total = np.zeros(group.channels)
-        found = False
-        for member in group.members:
-            # A source's weight is its input 1 (Conv/ConvTranspose/Gemm W, MatMul B); input 2 is its bias.
-            if member.role != "source" or member.input != 1 or member.tensor not in constants:
-                continue
-            weight = np.abs(constants[member.tensor].astype(np.float64))
-            per_index = np.moveaxis(weight, member.axis, 0).reshape(weight.shape[member.axis], -1).sum(axis=1)
-            total += per_index[member.indices(np.arange(group.channels))].reshape(group.channels, -1).sum(axis=1)
-            found = True
-        if found:
-            per_group[group.id] = total
-        else:
-            skipped[group.id] = "no constant source weight"
-    return Scores("l1", per_group, comparable=False, skipped=skipped)
+    # A source's weight is its input 1 (Conv/ConvTranspose/Gemm W, MatMul B); input 2 is its bias.
+    def is_source_weight(member: Member) -> bool:
+        return member.role == "source" and member.input == 1
+
+    return _score_groups(
+        inputs, "l1", _magnitude(inputs, is_source_weight), "no constant source weight", comparable=False
+    )
 
 
 def bn_scores(inputs: CriterionInput) -> Scores:
-    constants = _constants(inputs.model)
     batchnorms = {node.name for node in inputs.model.graph.node if node.op_type == "BatchNormalization"}
     if not batchnorms:
         raise UsageError(
             "criterion bn needs BatchNormalization nodes, and this model has none (BN was folded into the convs): "
             "export with --keep-batchnorm, or choose another criterion"
         )
-    per_group, skipped = {}, {}
-    for group in inputs.groups.prunable():
-        total = np.zeros(group.channels)
-        found = False
-        for member in group.members:
-            if member.node in batchnorms and member.input == 1 and member.tensor in constants:  # input 1: scale
-                gamma = np.abs(constants[member.tensor].astype(np.float64))
-                total += gamma[member.indices(np.arange(group.channels))]
-                found = True
-        if found:
-            per_group[group.id] = total
-        else:
-            skipped[group.id] = "no BatchNormalization node in the group"
-    return Scores("bn", per_group, comparable=False, skipped=skipped)
+
+    def is_bn_scale(member: Member) -> bool:
+        return member.node in batchnorms and member.input == 1  # BatchNormalization input 1: scale (gamma)
+
+    return _score_groups(
+        inputs, "bn", _magnitude(inputs, is_bn_scale), "no BatchNormalization node in the group", comparable=False
+    )
 
 
 def apoz_scores(inputs: CriterionInput) -> Scores:
     stats = _require_stats(inputs, "apoz")
-    per_group, skipped = {}, {}
-    for group in inputs.groups.prunable():
+
+    def group_scores(group: Group) -> np.ndarray | None:
         group_stats = stats.groups.get(group.id)
         if group_stats is None or group_stats.positions == 0:
-            skipped[group.id] = "no spline statistics (no probe tensor)"
-            continue
-        per_group[group.id] = group_stats.on_fraction().astype(np.float64)
-    return Scores("apoz", per_group, comparable=True, skipped=skipped)
+            return None
+        return group_stats.on_fraction().astype(np.float64)
+
+    return _score_groups(inputs, "apoz", group_scores, _NO_STATS, comparable=True)
+
+
+_NO_STATS = "no spline statistics (no probe tensor)"
+
+
+def _score_groups(
+    inputs: CriterionInput,
+    criterion: str,
+    group_scores: Callable[[Group], np.ndarray | None],
+    why_missing: str,
+    *,
+    comparable: bool,
+) -> Scores:
+    """Scores of every prunable group that ``group_scores`` can score (None: skipped, with ``why_missing``)."""
+    per_group, skipped = {}, {}
+    for group in inputs.groups.prunable():
+        values = group_scores(group)
+        if values is None:
+            skipped[group.id] = why_missing
+        else:
+            per_group[group.id] = values
+    return Scores(criterion, per_group, comparable=comparable, skipped=skipped)
+
+
+def _magnitude(inputs: CriterionInput, select: Callable[[Member], bool]) -> Callable[[Group], np.ndarray | None]:
+    """Per channel, the sum of |w| over the selected constant members' slices (None if the group has none)."""
+    constants = _constants(inputs.model)
+
+    def group_scores(group: Group) -> np.ndarray | None:
+        members = [m for m in group.members if select(m) and m.tensor in constants]
+        if not members:
+            return None
+        total = np.zeros(group.channels)
+        for member in members:
+            weight = np.abs(constants[member.tensor].astype(np.float64))
+            per_index = np.moveaxis(weight, member.axis, 0).reshape(weight.shape[member.axis], -1).sum(axis=1)
+            total += per_index[member.indices(np.arange(group.channels))].reshape(group.channels, -1).sum(axis=1)
+        return total
+
+    return group_scores
 
 
 def random_scores(inputs: CriterionInput) -> Scores:

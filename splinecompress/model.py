@@ -19,6 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper
 
+from splinecompress._io import atomic_path
 from splinecompress.errors import ModelLoadError
 
 __all__ = [
@@ -196,22 +197,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     external = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if external:
             # External data is written beside the temp file under its final name, then the model is renamed:
             # the .onnx only appears once both are complete.
-            _write(model, tmp, external=True, location=path.name + ".data")
+            _write(model, str(tmp), external=True, location=path.name + ".data")
         else:
-            _write(model, tmp, external=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            _write(model, str(tmp), external=False)
     return path
 
 

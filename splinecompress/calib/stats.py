@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from splinecompress._io import atomic_path
 from splinecompress.errors import CalibrationDataError
 from splinecompress.graph.groups import Group, Groups, Member
 
@@ -151,14 +152,8 @@ class SplineStats:
                 arrays[f"g{gid}.sink{k}.sums"] = s.sums
                 arrays[f"g{gid}.sink{k}.rows"] = np.array(s.rows, np.int64)
                 arrays[f"g{gid}.sink{k}.tensor"] = np.array(tensor)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:  # numpy appends .npz to names without it
             np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return path
 
     @classmethod

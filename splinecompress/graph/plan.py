@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from splinecompress._io import atomic_path
 from splinecompress.errors import PlanError, UsageError
 from splinecompress.graph.groups import Groups
 
@@ -161,16 +161,8 @@ class PruningPlan:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON, atomically (temp file in the same folder, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json(), encoding="utf-8")
         return path
 
     @classmethod
