@@ -37,3 +37,15 @@ def sample_calib() -> Path:
 def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder for the zoo's exported models, shared by every test module (exports are cached there)."""
     return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="module")
+def sample(sample_model: Path, sample_calib: Path):
+    """The bundled sample loaded, analysed and calibrated: (model, groups, stats). Tests must not keep edits."""
+    from splinecompress.calib.calibrate import calibrate
+    from splinecompress.graph.groups import analyze_groups
+    from splinecompress.model import load_model
+
+    model = load_model(sample_model)
+    groups = analyze_groups(model)
+    return model, groups, calibrate(model, groups, sample_calib)

@@ -11,20 +11,14 @@ from pathlib import Path
 import pytest
 from splinecompress.cli.main import main
 
+from tests.cli_helpers import assert_one_line_error
+
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed console script in a fresh process, exactly as a user would."""
     exe = shutil.which("splinecompress")
     command = [exe, *args] if exe else [sys.executable, "-m", "splinecompress.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert result.returncode == 2, f"bad input must exit 2, got {result.returncode}: {result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected a one-line error, got: {result.stderr}"
-    assert needle in lines[0], f"'{needle}' not in: {lines[0]}"
 
 
 def test_inspect_sample(sample_model: Path) -> None:

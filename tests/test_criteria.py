@@ -105,14 +105,6 @@ def test_spline_order_scales_to_2048_channels() -> None:
 # -- criteria on a real model ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sample(sample_model: Path, sample_calib: Path):
-    model = load_model(sample_model)
-    groups = analyze_groups(model)
-    stats = calibrate(model, groups, sample_calib)
-    return model, groups, stats
-
-
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 

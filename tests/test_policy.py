@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splinecompress.calib.calibrate import calibrate
 from splinecompress.criteria import CriterionInput, Scores, score
 from splinecompress.errors import UsageError
 from splinecompress.graph.groups import analyze_groups
@@ -19,14 +18,6 @@ from splinecompress.graph.surgery import apply_plan
 from splinecompress.model import load_model
 from splinecompress.policy import make_plan, removed_fraction
 from tests.zoo import export_zoo_model
-
-
-@pytest.fixture(scope="module")
-def sample(sample_model: Path, sample_calib: Path):
-    model = load_model(sample_model)
-    groups = analyze_groups(model)
-    stats = calibrate(model, groups, sample_calib)
-    return model, groups, stats
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.7])

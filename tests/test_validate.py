@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +16,10 @@ from splinecompress.errors import CalibrationDataError, UsageError
 from splinecompress.model import load_model
 from splinecompress.report import comparison_rows, format_comparison, write_report_json
 from splinecompress.validate import ModelMeasurement, ValidationReport, validate
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 # Few timed runs: the tests check the plumbing, not the machine.
 FAST = {"warmup": 1, "repeats": 5}
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "splinecompress.cli", *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert result.returncode == 2, f"bad input must exit 2, got {result.returncode}: {result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected a one-line error, got: {result.stderr}"
-    assert needle in lines[0], f"'{needle}' not in: {lines[0]}"
 
 
 def ort_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
