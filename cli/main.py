@@ -13,14 +13,34 @@ from collections.abc import Sequence
 
 from splinecompress.errors import SplineCompressError, VerificationError
 
-from . import analyze_cmd, compress_cmd, export_cmd, inspect_cmd, plan_cmd, plot_cmd, prune_cmd, validate_cmd
+from . import (
+    analyze_cmd,
+    compress_cmd,
+    export_cmd,
+    finetune_cmd,
+    inspect_cmd,
+    plan_cmd,
+    plot_cmd,
+    prune_cmd,
+    validate_cmd,
+)
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 # Each command module offers NAME, HELP, add_arguments(parser) and run(args) -> exit code.
-COMMANDS = (compress_cmd, export_cmd, inspect_cmd, analyze_cmd, plan_cmd, prune_cmd, validate_cmd, plot_cmd)
+COMMANDS = (
+    compress_cmd,
+    export_cmd,
+    inspect_cmd,
+    analyze_cmd,
+    plan_cmd,
+    prune_cmd,
+    validate_cmd,
+    plot_cmd,
+    finetune_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -266,9 +266,12 @@ def _require_stats(inputs: CriterionInput, name: str) -> SplineStats:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node values by tensor name."""
+    """Initializers, Constant-node values and Identity copies of them, by tensor name."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
+    for node in model.graph.node:  # topological order: an Identity's input is known before the Identity
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            # The legacy exporter shares equal weights (e.g. fresh BN scales) behind Identity nodes.
+            values[node.output[0]] = values[node.input[0]]
     return values

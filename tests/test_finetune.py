@@ -176,10 +176,43 @@ def test_shared_constants_are_untied(tmp_path: Path) -> None:
     np.testing.assert_allclose(_run(tmp_path / "rt.onnx", x)[0], _run(path, x)[0], atol=1e-6)
 
 
+def test_matmul_weights_train(tmp_path: Path) -> None:
+    """onnx2torch keeps MatMul weights and Add biases as buffers; they are promoted to parameters."""
+    net = Net(channels=3, size=8)
+    y = net.op("Flatten", [net.op("GlobalAveragePool", [net.op("Relu", [net.conv("x", 3, 4)])])])
+    y = net.op("Add", [net.op("MatMul", [y, net.const(net.rng.standard_normal((4, 10)))]), net.const(np.ones(10))])
+    path = tmp_path / "matmul.onnx"
+    save_model(net.model(y), path)
+    module = onnx_to_torch(path)
+    assert sum(p.numel() for p in module.parameters()) == 3 * 4 * 9 + 4 + 4 * 10 + 10, "MatMul/Add weights train"
+    export_like(module, path, tmp_path / "rt.onnx")
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "rt.onnx", x)[0], _run(path, x)[0], atol=1e-6)
+
+
+def test_fixed_batch_stays_fixed(tmp_path: Path) -> None:
+    paths = []
+    for name in ("s", "t"):
+        model = load_model(_tiny(tmp_path, name), infer=False)
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+        paths.append(tmp_path / f"{name}4.onnx")
+        save_model(model, paths[-1])
+    result = finetune(*paths, _tiny_data(tmp_path), tmp_path / "out.onnx", epochs=1, batch_size=8)
+    assert result.batch_size == 4, "a fixed batch overrides the batch size"
+    assert input_specs(load_model(tmp_path / "out.onnx"))[0].shape == (4, 3, 8, 8), "the batch must stay fixed"
+
+
 def test_teacher_with_other_input_names(tmp_path: Path) -> None:
     student, teacher = _tiny(tmp_path, "s"), _tiny(tmp_path, "t", input_name="image")
     with pytest.raises(UsageError, match=r"teacher .* takes input\(s\) \['image'\] but student .* takes \['x'\]"):
         finetune(student, teacher, _tiny_data(tmp_path), tmp_path / "out.onnx", epochs=1)
+
+
+def test_teacher_with_other_input_shape(tmp_path: Path, zoo_dir: Path) -> None:
+    resnet = export_zoo_model("resnet18", zoo_dir)  # input 'input' too, but 3x64x64
+    slim = SAMPLES / "mnist_cnn.onnx"
+    with pytest.raises(UsageError, match=r"input 'input' has shape batchx3x64x64 but student .* batchx1x28x28"):
+        finetune(slim, resnet, SAMPLES / "mnist_calib.npz", tmp_path / "out.onnx", epochs=1)
 
 
 def test_teacher_with_other_outputs(tmp_path: Path) -> None:
