@@ -118,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"), help="folder for the PNG and CSV")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the random criterion")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=("folded", "bn-kept"),
+        default=["folded", "bn-kept"],
+        help="which export of the sample to run (default both)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,10 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     calib = samples / "mnist_calib.npz"
     val = samples / "mnist_val.npz"
     start = time.perf_counter()
-    rows = run_model("folded", samples / "mnist_cnn.onnx", ["spline", "l1", "apoz", "random"], args.seeds, calib, val)
-    bn_path = samples / "mnist_cnn_bn.onnx"
-    if bn_path.exists():
-        rows += run_model("bn-kept", bn_path, ["spline", "l1", "bn", "apoz"], 1, calib, val)
+    rows = []
+    if "folded" in args.models:
+        rows += run_model(
+            "folded", samples / "mnist_cnn.onnx", ["spline", "l1", "apoz", "random"], args.seeds, calib, val
+        )
+    if "bn-kept" in args.models:
+        rows += run_model("bn-kept", samples / "mnist_cnn_bn.onnx", ["spline", "l1", "bn", "apoz"], 1, calib, val)
     with open(out / "criteria.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
