@@ -30,9 +30,9 @@ from splinecompress.calib.moments import SinkMoments, SinkPatch, sink_patch
 from splinecompress.calib.stats import SplineStats
 from splinecompress.errors import UnsupportedGraphError, UsageError
 from splinecompress.graph.cost import node_keys
-from splinecompress.graph.groups import Groups, Member
+from splinecompress.graph.groups import Groups, Member, analyze_groups
 from splinecompress.graph.plan import PruningPlan
-from splinecompress.model import graph_hash, infer_shapes
+from splinecompress.model import infer_shapes
 
 __all__ = ["DEFAULT_RIDGE", "REPAIRS", "RepairResult", "lstsq_sinks", "repair_model"]
 
@@ -159,8 +159,24 @@ def repair_model(
     del repaired_model.opset_import[:]
     repaired_model.opset_import.extend(model.opset_import)
     repaired_model = infer_shapes(repaired_model, name="repaired model")
-    new_plan = dataclasses.replace(plan, model_hash=graph_hash(repaired_model))
-    return RepairResult(repaired_model, new_plan, method, repaired, skipped)
+    return RepairResult(repaired_model, _retie(plan, groups, repaired_model), method, repaired, skipped)
+
+
+def _retie(plan: PruningPlan, groups: Groups, repaired: onnx.ModelProto) -> PruningPlan:
+    """The plan for the repaired model: its hash, and group ids found again by the groups' source nodes.
+
+    Repair adds bias tensors (and Add nodes after MatMuls), so a fresh topological order may number and name the
+    groups differently (a joined group is named after whichever source sorts first); node names do not change.
+    """
+    new_groups = analyze_groups(repaired)
+    by_sources = {frozenset(g.sources): g for g in new_groups}
+    keep, names, channels = {}, {}, {}
+    for gid, kept in plan.keep.items():
+        new = by_sources.get(frozenset(groups[gid].sources))
+        if new is None or new.channels != groups[gid].channels:
+            raise UnsupportedGraphError(f"repair changed {groups[gid].label}: it cannot be found in the repaired model")
+        keep[new.id], names[new.id], channels[new.id] = kept, new.name, new.channels
+    return dataclasses.replace(plan, model_hash=new_groups.model_hash, keep=keep, names=names, channels=channels)
 
 
 # -- bias ---------------------------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def test_repair_on_the_sample_ranks_lstsq_over_bias_over_none(
     assert accuracy["lstsq"] >= 0.98
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "densenet121"])
 def test_lstsq_reduces_output_error_on_zoo(name: str, zoo_dir: Path) -> None:
     """On real architectures (stride-2 3x3 convs, 1x1 convs, concatenations, Flatten -> Gemm), least squares
     brings the pruned model closer to the original than no repair, on the data it was fitted on."""
