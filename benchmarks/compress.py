@@ -81,8 +81,16 @@ def resnet50_row() -> None:
     )
     print(
         f"(provider {v.provider}, {v.threads} thread(s), batch {v.latency_batch}, median of {v.repeats} runs; "
-        f"agreement with the original on the calibration images {v.agreement:.1%})"
+        f"agreement with the original on the calibration images {v.agreement:.1%}; peak RSS of the process "
+        f"{peak_rss_mib():.0f} MiB)"
     )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (VmHWM), in MiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def main(argv: list[str] | None = None) -> None:
