@@ -266,6 +266,14 @@ def compress_summary_rows(result: CompressResult) -> list[tuple[str, str]]:
     ]
     if result.equivalence is not None:
         rows.append(("verified", result.equivalence.describe()))
+    if result.finetune is not None:
+        rows.append(
+            (
+                "fine-tuned",
+                f"{len(result.finetune.history)} epochs of distillation from the original "
+                "(the slim column is the fine-tuned model)",
+            )
+        )
     rows.append(("written", result.output))
     return rows
 
