@@ -242,6 +242,12 @@ class _Analysis:
         tensor = node.inputs[i]
         return self.layouts.get(tensor.name) if tensor.name else None
 
+    def take_first(self, node: gs.Node) -> _Layout | None:
+        """The layout of input 0, marking the other inputs (weights, shapes, scales) as read by the handler."""
+        for i in range(1, len(node.inputs)):
+            self.take(node, i)
+        return self.take(node, 0)
+
     def set(self, tensor: gs.Tensor, layout: _Layout | None) -> None:
         if layout is not None:
             self.layouts[tensor.name] = layout
@@ -315,10 +321,8 @@ def _what(node: gs.Node, key: str) -> str:
 
 
 def _conv(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
+    layout = a.take_first(node)
     weight = a.const(node.inputs[1])
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
     if weight is None or weight.ndim < 3:
         a.freeze(layout, f"{_what(node, key)} has a weight that is not a constant")
         return
@@ -389,9 +393,7 @@ def _source(a: _Analysis, node: gs.Node, key: str, channels: int, rank: int, wei
 
 
 def _conv_transpose(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     weight = a.const(node.inputs[1])
     if weight is None or int(node.attrs.get("group", 1)) != 1 or weight.ndim < 3:
         reason = f"{_what(node, key)} is grouped or has a non-constant weight"
@@ -407,9 +409,7 @@ def _conv_transpose(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _gemm(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     weight = a.const(node.inputs[1])
     if weight is None or weight.ndim != 2 or int(node.attrs.get("transA", 0)):
         a.freeze(layout, f"{_what(node, key)} has a non-constant weight or a transposed input")
@@ -446,9 +446,7 @@ def _matmul(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _batchnorm(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     if layout.axis != 1:
@@ -543,9 +541,7 @@ def _pool(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _resize(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     what = _what(node, key)
@@ -568,9 +564,7 @@ def _resize(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _pad(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     pads = a.const(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(node.attrs.get("pads", []))
@@ -724,9 +718,7 @@ def _axes(a: _Analysis, node: gs.Node, input_index: int = 1) -> list[int] | None
 
 
 def _squeeze(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     axes = _axes(a, node)
@@ -745,9 +737,7 @@ def _squeeze(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _unsqueeze(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     axes = _axes(a, node)
@@ -769,9 +759,7 @@ def _transpose(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _reduce(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     axes = _axes(a, node)
@@ -802,9 +790,7 @@ def _softmax(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _slice(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     axes = _axes(a, node, 3)
@@ -821,9 +807,7 @@ def _slice(a: _Analysis, node: gs.Node, key: str) -> None:
 
 
 def _split(a: _Analysis, node: gs.Node, key: str) -> None:
-    layout = a.take(node, 0)
-    for i in range(1, len(node.inputs)):
-        a.take(node, i)
+    layout = a.take_first(node)
     if layout is None:
         return
     what = _what(node, key)
