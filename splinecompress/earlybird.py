@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from splinecompress._optional import require_torch
 from splinecompress.errors import UsageError
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ class SplineEarlyBird(_EarlyBirdRule):
         Raises:
             UsageError: as :meth:`update`.
         """
-        torch = _require_torch()
+        torch = require_torch("early-bird detection")
         captured: dict[str, PackedBits] = {}
         calls: dict[str, int] = {}
 
@@ -338,18 +339,9 @@ class SplineEarlyBird(_EarlyBirdRule):
         return counts
 
 
-def _require_torch():
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise UsageError(
-            "early-bird detection needs PyTorch: install it with  pip install 'splinecompress[torch]'"
-        ) from e
-    return torch
-
 
 def _find_layers(model: torch.nn.Module, layers: Sequence[str] | None) -> list[str]:
-    torch = _require_torch()
+    torch = require_torch("early-bird detection")
     modules = dict(model.named_modules())
     if layers is not None:
         if isinstance(layers, str):
@@ -381,7 +373,7 @@ def _shape_of(inputs: Any) -> str:
 
 
 def _run_model(model: torch.nn.Module, inputs: Any) -> Any:
-    torch = _require_torch()
+    torch = require_torch("early-bird detection")
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else None
 
@@ -435,7 +427,7 @@ class MaskEarlyBird(_EarlyBirdRule):
             raise UsageError(f"ratio {ratio!r} must lie in [0, 1): it is the fraction of channels pruned")
         if scope not in _MASK_SCOPES:
             raise UsageError(f"scope {scope!r} is not one of {', '.join(_MASK_SCOPES)}")
-        torch = _require_torch()
+        torch = require_torch("early-bird detection")
         self.model = model
         self.ratio = float(ratio)
         self.scope = scope
@@ -468,7 +460,7 @@ def gamma_masks(
 
     Ties at the threshold are broken by channel order so exactly the requested count is kept.
     """
-    torch = _require_torch()
+    torch = require_torch("early-bird detection")
     modules = dict(model.named_modules())
     names = (
         list(layers) if layers is not None else [n for n, m in modules.items() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from splinecompress._optional import require_torch
 from splinecompress.errors import ExportError, UsageError
 from splinecompress.model import check_model, save_model
 
@@ -61,13 +62,6 @@ class ExportResult:
     tolerance: float
 
 
-def _require_torch():
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise UsageError("export needs PyTorch: install it with  pip install 'splinecompress[torch]'") from e
-    return torch
-
 
 def build_module(spec: str, weights: str | os.PathLike[str] | None = None) -> torch.nn.Module:
     """Build a module from ``"package.module:factory"`` and optionally load a state dict into it.
@@ -79,7 +73,7 @@ def build_module(spec: str, weights: str | os.PathLike[str] | None = None) -> to
             return a torch.nn.Module.
         ExportError: the weights file cannot be read or does not fit the module.
     """
-    torch = _require_torch()
+    torch = require_torch("export")
     module_name, sep, factory_name = spec.partition(":")
     if not sep or not module_name or not factory_name:
         raise UsageError(f"model spec '{spec}' must look like MODULE:FACTORY, e.g. samples.mnist_net:build_mnist_net")
@@ -101,7 +95,7 @@ def build_module(spec: str, weights: str | os.PathLike[str] | None = None) -> to
 
 
 def _load_weights(net: torch.nn.Module, path: Path) -> None:
-    torch = _require_torch()
+    torch = require_torch("export")
     if not path.is_file():
         raise ExportError(f"weights file {path}: no such file")
     try:
@@ -151,7 +145,7 @@ def export_model(
         UsageError: bad arguments (empty or non-positive shape, opset out of range).
         ExportError: torch cannot export the module, or ONNX disagrees with torch beyond tolerance.
     """
-    torch = _require_torch()
+    torch = require_torch("export")
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d <= 0 for d in input_shape):
         raise UsageError(f"input shape {input_shape} must be non-empty with positive dimensions")
@@ -273,7 +267,7 @@ def parity_check(
     Raises:
         ExportError: output counts or shapes differ, or a difference exceeds the tolerance.
     """
-    torch = _require_torch()
+    torch = require_torch("export")
     import onnxruntime as ort
 
     generator = torch.Generator().manual_seed(seed)

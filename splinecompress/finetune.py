@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from splinecompress._optional import require_torch
 from splinecompress.calib.data import CalibrationData
 from splinecompress.calib.runner import create_session
 from splinecompress.errors import CalibrationDataError, UnsupportedGraphError, UsageError
@@ -137,13 +138,6 @@ class FinetuneResult:
 # -- ONNX -> torch ----------------------------------------------------------------------------------------------
 
 
-def _require_torch():
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise UsageError("fine-tuning needs PyTorch: install it with  pip install 'splinecompress[torch]'") from e
-    return torch
-
 
 def _require_onnx2torch():
     try:
@@ -180,7 +174,7 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike[str]) -> torch.nn.M
         UnsupportedGraphError: a node's op (or an attribute of it) has no torch conversion; the message names
             the op, its domain and opset, and the node.
     """
-    _require_torch()
+    require_torch("fine-tuning")
     onnx2torch, get_converter, onnx_graph_cls = _require_onnx2torch()
     model = _unshare_initializers(_load(model))
     opsets = {o.domain or "": o.version for o in model.opset_import}
@@ -274,7 +268,7 @@ def _locate_conversion_error(model, graph, opsets, get_converter, error: Excepti
 
 def _promote_constant_weights(module: torch.nn.Module, op_types: dict[str, str]) -> int:
     """Turn float constant buffers read by weight-like ops into parameters; return how many were promoted."""
-    torch = _require_torch()
+    torch = require_torch("fine-tuning")
     container = getattr(module, "initializers", None)
     if container is None:
         return 0
@@ -438,7 +432,7 @@ def _fixed_dims_differ(a: TensorSpec, b: TensorSpec) -> bool:
 
 @contextlib.contextmanager
 def _torch_threads(threads: int | None) -> Iterator[None]:
-    torch = _require_torch()
+    torch = require_torch("fine-tuning")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -464,7 +458,7 @@ def _distill_loss(torch, student_out, teacher_out, temperature: float):
 
 
 def _set_train_mode(module, freeze_bn: bool) -> None:
-    torch = _require_torch()
+    torch = require_torch("fine-tuning")
     module.train()
     if freeze_bn:
         # Small fine-tuning batches give noisy statistics; the original's running statistics are better.
@@ -549,7 +543,7 @@ def finetune(
         ExportError: the trained module does not export faithfully.
     """
     _check_settings(epochs, lr, batch_size, temperature, alpha, weight_decay, threads)
-    torch = _require_torch()
+    torch = require_torch("fine-tuning")
     student_model, teacher_model = load_model(student), load_model(teacher)
     specs = _check_pair(student_model, teacher_model, str(student), str(teacher))
     fixed = specs[0].shape[0] if specs[0].shape and isinstance(specs[0].shape[0], int) else None
