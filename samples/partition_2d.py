@@ -2,7 +2,8 @@
 
 Each hidden unit k cuts the plane along its line {h_k = 0}; pruning a unit deletes its line. The picture shows,
 for the trained network and after removing 20/40/60/80% of the hidden units with the spline criterion
-(analyze_groups -> calibrate -> score("spline") -> make_plan -> apply_plan, no repair, no fine-tuning):
+(analyze_groups -> calibrate -> score("spline") -> make_plan -> repair (lstsq by default, ``--repair none`` for
+plain removal) -> apply_plan; no fine-tuning):
 the lines read from the first Gemm of each ONNX model, the decision regions computed by onnxruntime on a grid,
 and the data::
 
@@ -26,13 +27,11 @@ SAMPLES_DIR = Path(__file__).resolve().parent
 # Make ``splinecompress`` importable when run as a script from anywhere.
 sys.path.insert(0, str(SAMPLES_DIR.parent))
 
-from splinecompress.calib.calibrate import calibrate  # noqa: E402
 from splinecompress.calib.runner import create_session  # noqa: E402
 from splinecompress.criteria import CriterionInput, score  # noqa: E402
 from splinecompress.earlybird import write_png  # noqa: E402
-from splinecompress.graph.groups import analyze_groups  # noqa: E402
 from splinecompress.graph.surgery import apply_plan  # noqa: E402
-from splinecompress.model import load_model, save_model  # noqa: E402
+from splinecompress.model import save_model  # noqa: E402
 
 DEFAULT_RATIOS = (0.2, 0.4, 0.6, 0.8)
 HIDDEN = 20
@@ -154,10 +153,13 @@ def run(
     epochs: int = 600,
     ratios: Sequence[float] = DEFAULT_RATIOS,
     seed: int = 0,
+    repair: str = "lstsq",
 ) -> dict[str, object]:
     """Train, export, prune at each ratio, draw; return {"accuracy": {ratio: acc}, "kept": {...}, "png": path}."""
     from splinecompress.export import export_model
     from splinecompress.policy import make_plan
+    from splinecompress.repair import repair_model
+    from splinecompress.sweep import prepare
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -165,16 +167,17 @@ def run(
     net = train_mlp(x, labels, epochs=epochs, seed=seed)
     dense_path = out_dir / "partition_2d.onnx"
     export_model(net, dense_path, (1, 2))
-    model = load_model(dense_path)
-    groups = analyze_groups(model)
-    stats = calibrate(model, groups, [{"input": x}], device="cpu")
+    prepared = prepare(dense_path, [{"input": x}], device="cpu")
+    model, groups, stats = prepared.model, prepared.groups, prepared.stats
     scores = score("spline", CriterionInput(model, groups, stats))
 
     models = {0.0: model}
     kept: dict[float, int] = {0.0: HIDDEN}
     for ratio in ratios:
         outcome = make_plan(model, groups, scores, ratio=ratio, scope="layer")
-        slim = apply_plan(model, outcome.plan, groups).model
+        # Repair refits the output layer on the kept units; the kept units' lines themselves do not move.
+        repaired = repair_model(model, groups, outcome.plan, method=repair, stats=stats, moments=prepared.moments)
+        slim = apply_plan(repaired.model, repaired.plan).model
         save_model(slim, out_dir / f"partition_2d_r{round(ratio * 100):02d}.onnx")
         models[ratio] = slim
         kept[ratio] = len(first_gemm_lines(slim)[1])
@@ -194,13 +197,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=600, help="full-batch Adam steps")
     p.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repair", choices=("none", "bias", "lstsq"), default="lstsq",
+                   help="training-free repair of the output layer (default lstsq, as compress)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     start = time.perf_counter()
-    result = run(args.out_dir, points=args.points, epochs=args.epochs, ratios=args.ratios, seed=args.seed)
+    result = run(args.out_dir, points=args.points, epochs=args.epochs, ratios=args.ratios, seed=args.seed,
+                 repair=args.repair)
     print(f"{'removed':>8} {'hidden units':>13} {'accuracy':>9}")
     for ratio, acc in result["accuracy"].items():
         print(f"{ratio:>8.0%} {result['kept'][ratio]:>13d} {acc:>9.4f}")
