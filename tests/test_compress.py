@@ -170,3 +170,32 @@ def test_plot_command_draws_a_sweep(sample_model: Path, sample_calib: Path, samp
         str(png),
     )
     assert bad.returncode == 2 and "must be comma-separated numbers" in bad.stderr
+
+
+def test_verbose_compress_lists_groups(sample_model: Path, sample_calib: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *CLI,
+            "-v",
+            "compress",
+            str(sample_model),
+            "--calib",
+            str(sample_calib),
+            "--no-latency",
+            "--ratio",
+            "0.5",
+            "-o",
+            str(tmp_path / "slim.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    header = next(i for i, r in enumerate(rows) if r[:2] == ["group", "first"])
+    groups = [r for r in rows[header + 2 : header + 8]]
+    assert [r[0] for r in groups] == ["0", "1", "2", "3", "4", "5"], result.stdout
+    for r in groups:
+        kept, total = int(r[-3]), int(r[-2])
+        assert kept % 8 == 0 and kept < total, f"group {r[0]} keeps {kept} of {total}"
