@@ -142,8 +142,8 @@ def spline_scores(inputs: CriterionInput) -> Scores:
     stats = _require_stats(inputs, "spline")
 
     def group_scores(group: Group) -> np.ndarray | None:
-        group_stats = stats.groups.get(group.id)
-        if group_stats is None or group_stats.positions == 0:
+        group_stats = _calibrated(stats, group)
+        if group_stats is None:
             return None
         order, at_removal = spline_removal_order(group_stats)
         # Raw distances are not comparable across groups: early, high-resolution layers have nearer neighbours
@@ -191,15 +191,19 @@ def apoz_scores(inputs: CriterionInput) -> Scores:
     stats = _require_stats(inputs, "apoz")
 
     def group_scores(group: Group) -> np.ndarray | None:
-        group_stats = stats.groups.get(group.id)
-        if group_stats is None or group_stats.positions == 0:
-            return None
-        return group_stats.on_fraction().astype(np.float64)
+        group_stats = _calibrated(stats, group)
+        return None if group_stats is None else group_stats.on_fraction().astype(np.float64)
 
     return _score_groups(inputs, "apoz", group_scores, _NO_STATS, comparable=True)
 
 
 _NO_STATS = "no spline statistics (no probe tensor)"
+
+
+def _calibrated(stats: SplineStats, group: Group) -> GroupStats | None:
+    """The group's statistics, or None when calibration saw no position of it."""
+    group_stats = stats.groups.get(group.id)
+    return None if group_stats is None or group_stats.positions == 0 else group_stats
 
 
 def _score_groups(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +34,7 @@ from splinecompress.graph.groups import Groups, Member, analyze_groups
 from splinecompress.graph.plan import PruningPlan
 from splinecompress.model import infer_shapes
 
-__all__ = ["DEFAULT_RIDGE", "REPAIRS", "RepairResult", "lstsq_sinks", "repair_model"]
+__all__ = ["DEFAULT_RIDGE", "REPAIRS", "RepairResult", "lstsq_sinks", "repair_model", "sink_patches"]
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,15 @@ def _cuts(groups: Groups, plan: PruningPlan) -> dict[str, list[_SinkCut]]:
 
 def lstsq_sinks(model: onnx.ModelProto, groups: Groups, plan: PruningPlan) -> tuple[list[SinkPatch], dict[str, str]]:
     """The sinks a plan touches whose patch statistics least-squares repair needs, and those it cannot handle."""
+    return sink_patches(model, _cuts(groups, plan))
+
+
+def sink_patches(model: onnx.ModelProto, sinks: Iterable[str]) -> tuple[list[SinkPatch], dict[str, str]]:
+    """Patch geometry of each named sink node, and why not for the sinks least squares cannot handle."""
     by_name = {node.name: node for node in model.graph.node}
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     patches, unsupported = [], {}
-    for key in _cuts(groups, plan):
+    for key in dict.fromkeys(sinks):
         node = by_name.get(key)
         if node is None:
             unsupported[key] = "node has no unique name"

@@ -17,16 +17,15 @@ import onnx
 
 from splinecompress.calib.calibrate import calibrate
 from splinecompress.calib.data import CalibrationData
-from splinecompress.calib.moments import SinkMoments, collect_moments, sink_patch
+from splinecompress.calib.moments import SinkMoments, collect_moments
 from splinecompress.calib.runner import create_session
 from splinecompress.calib.stats import SplineStats
 from splinecompress.criteria import DATA_CRITERIA, CriterionInput, score
-from splinecompress.errors import UnsupportedGraphError
 from splinecompress.graph.groups import Groups, analyze_groups
 from splinecompress.graph.surgery import apply_plan
 from splinecompress.model import input_specs, load_model
 from splinecompress.policy import make_plan
-from splinecompress.repair import repair_model
+from splinecompress.repair import repair_model, sink_patches
 
 __all__ = ["Prepared", "SweepPoint", "prepare", "sweep"]
 
@@ -63,19 +62,9 @@ def prepare(
     model = load_model(model_path)
     groups = analyze_groups(model)
     stats = calibrate(model, groups, calib, device=device, show_progress=show_progress)
-    by_name = {node.name: node for node in model.graph.node}
-    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    patches = {}
-    for group in groups.prunable():
-        for member in group.members:
-            node = by_name.get(member.node)
-            if member.role != "sink" or node is None or member.node in patches:
-                continue
-            try:
-                patches[member.node] = sink_patch(node, shapes.get(node.input[1]) if len(node.input) > 1 else None)
-            except UnsupportedGraphError:
-                continue  # repair falls back to bias for this sink
-    moments = collect_moments(model, patches.values(), calib, device=device, show_progress=show_progress)
+    sinks = (m.node for group in groups.prunable() for m in group.members if m.role == "sink")
+    patches, _ = sink_patches(model, sinks)  # sinks least squares cannot handle fall back to bias repair
+    moments = collect_moments(model, patches, calib, device=device, show_progress=show_progress)
     return Prepared(model, groups, stats, moments)
 
 
